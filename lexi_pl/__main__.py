@@ -1,0 +1,3 @@
+from lexi_pl.cli import main
+
+main()
