@@ -159,6 +159,34 @@ class MoELayer:
             handle.remove()
             delattr(self.router, _POLICY_HOOK_ATTR)
 
+    # cost
+
+    @property
+    def expert_flops_per_token(self) -> int:
+        """Multiply-add FLOPs (2 per weight) of one expert on one token, counted from the expert weight matrices.
+
+        Weights are those of the block's ``experts`` module, or else the block's parameters whose leading dimension
+        is the number of experts; the router and shared experts are left out. Biases and activations are ignored.
+        """
+        experts = getattr(self.block, "experts", None)
+        if isinstance(experts, nn.Module):
+            # Stacked layouts keep weights as (E, out, in) and biases as (E, out); DBRX stacks its weights in 2-D.
+            weights = sum(p.numel() for p in experts.parameters() if p.ndim >= 3)
+            weights = weights or sum(p.numel() for p in experts.parameters() if p.ndim == 2)
+        else:
+            router_parameters = {id(p) for p in self.router.parameters()}
+            weights = sum(
+                p.numel()
+                for p in self.block.parameters()
+                if p.ndim >= 3 and p.shape[0] == self.num_experts and id(p) not in router_parameters
+            )
+        return 2 * weights // self.num_experts
+
+    @property
+    def computed_experts(self) -> int:
+        """Experts computed per token at the current k: k, or every expert where the family runs them densely."""
+        return self.num_experts if self.family.dense_experts else self.top_k
+
     # running the block alone
 
     @property
@@ -428,18 +456,22 @@ class MoEAdapter:
                 layer.routing_weights = policy
                 layer.top_k = k
 
-    def apply(self, plan: TopKPlan) -> None:
-        """Set the per-layer k and the routing weights of `plan`, after checking it was made for this model.
+    def check_plan(self, plan: TopKPlan, check_fingerprint: bool = True) -> dict[MoELayer, int]:
+        """Check that `plan` was made for this model and fits its layers; return the k per layer.
+
+        With ``check_fingerprint=False`` only the layer names, the k ranges and the policy are checked, for a
+        model whose router weights changed on purpose since the plan was made (training).
 
         Raises:
-            ValueError: the plan's fingerprint or layer names do not match this model, or a k is out of range.
+            ValueError: the plan's fingerprint or layer names do not match this model, a k is out of range, or
+                its routing-weight policy is not supported by a layer.
         """
-        expected = self.fingerprint()
-        if plan.fingerprint is not None and plan.fingerprint != expected:
+        expected = self.fingerprint() if check_fingerprint else None
+        if check_fingerprint and plan.fingerprint is not None and plan.fingerprint != expected:
             raise ValueError(
-                f"this plan was made for another model (plan fingerprint {plan.fingerprint[:16]}..., this model "
-                f"{expected[:16]}...): its MoE structure or router weights differ. Create a plan for this model "
-                "(profile it again, or drop the plan file so it is rebuilt)"
+                f"this plan was made for another model (plan fingerprint {plan.fingerprint[:23]}..., this model "
+                f"{str(expected)[:23]}...): its MoE structure or router weights differ. Create a plan for this model "
+                "(profile it again, or remove the plan file so that it is rebuilt)"
             )
         if list(plan.top_k) != self.names:
             missing = [name for name in self.names if name not in plan.top_k]
@@ -449,10 +481,14 @@ class MoEAdapter:
                 "create a plan for this model"
             )
         resolved = self._resolve(dict(plan.top_k))
-        policy = getattr(plan, "routing_weights", "native") or "native"
         for layer in self.layers:
-            layer.check_routing_weights(policy)
-        self.set_routing_weights(policy)
+            layer.check_routing_weights(plan.routing_weights)
+        return resolved
+
+    def apply(self, plan: TopKPlan, check_fingerprint: bool = True) -> None:
+        """Set the per-layer k and the routing weights of `plan`, after `check_plan` accepts it."""
+        resolved = self.check_plan(plan, check_fingerprint=check_fingerprint)
+        self.set_routing_weights(plan.routing_weights)
         for layer, k in resolved.items():
             layer.top_k = k
 
