@@ -122,16 +122,38 @@ class LExI(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.adapter = MoEAdapter(self._moe_model(pl_module))
+        self.plan = self._plan_on_every_rank(trainer)
+        self.adapter.check_plan(self.plan)
         output_dir = self._output_dir(trainer)
-        if self.plan_path is not None:
-            plan = TopKPlan.load(self.plan_path)
-        else:
-            plan = self._build_plan(trainer, output_dir)
-        self.adapter.check_plan(plan)
-        self.plan = plan
         if trainer.is_global_zero and output_dir is not None:
-            plan.save(output_dir / PLAN_FILE)
+            self.plan.save(output_dir / PLAN_FILE)
             rank_zero_info(f"LExI plan written to {output_dir / PLAN_FILE}")
+
+    def _plan_on_every_rank(self, trainer: Trainer) -> TopKPlan:
+        """Make the plan on rank zero and send it to every other rank, so all ranks apply the same k.
+
+        An error on rank zero (a bad plan file, an infeasible budget) is sent along too and raised on every rank,
+        so no rank waits forever for a plan.
+        """
+        message: dict[str, Any] | None = None
+        if trainer.is_global_zero:
+            try:
+                if self.plan_path is not None:
+                    plan = TopKPlan.load(self.plan_path)
+                else:
+                    plan = self._build_plan(trainer, self._output_dir(trainer))
+                self.adapter.check_plan(plan)
+                message = {"plan": plan.to_dict()}
+            except ValueError as error:
+                if trainer.world_size == 1:
+                    raise
+                message = {"error": str(error)}
+        if trainer.world_size > 1:
+            message = trainer.strategy.broadcast(message, src=0)
+        assert message is not None
+        if "error" in message:
+            raise ValueError(message["error"])
+        return TopKPlan.from_dict(message["plan"])
 
     def _moe_model(self, pl_module: LightningModule) -> nn.Module:
         model = getattr(pl_module, self.model_attribute, None)
