@@ -17,10 +17,13 @@ Choices the LExI paper (arXiv 2509.02753, Algorithm 1) leaves open, and what thi
   be the one used at evaluation; the plan records it.
 - Shared experts. They run in the block but add the same output at every k, so they cancel in Y_k - Y_native.
 
+- Base norms. ``base_norms`` holds the mean norm of the routed experts' output at native k (the experts
+  module's output, without shared experts), the scale used by ``normalize="base_norm"`` in allocation.
+
 Cost. The experts that the native top-k selects already contain every smaller top-k selection (greedy top-k
-keeps the best k of the native k). The fast path therefore runs each selected expert once, routes again at each
-smaller k (a cheap router call) and combines the stored expert outputs, for about the price of one native-k
-forward per batch. Families whose router does not return (logits, weights, index), whose experts run densely,
+keeps the best k of the native k). The fast path therefore runs each selected (token, expert) pair once, routes
+again at each smaller k (a cheap router call) and combines the stored expert outputs, for about the price of one
+native-k forward per batch. Families whose router does not return (logits, weights, index), whose experts run densely,
 or blocks that drop tokens over an expert capacity, take the exact loop instead (set k, run the block).
 """
 
@@ -218,21 +221,56 @@ def _profile_layer(
     return [total / iterations for total in totals], base_total / iterations
 
 
+class _ExpertsReached(Exception):
+    """Raised by a hook to stop a block's forward pass once the experts' inputs are recorded."""
+
+
+def _routed_output_norm(layer: MoELayer, run_block) -> tuple[torch.Tensor, float]:
+    """Run the block; return its output and the norm of the routed experts' part of it.
+
+    The routed part is the experts module's output where the block has one, so shared experts (which add the same
+    output at every k) are left out; otherwise it is the whole block output.
+    """
+    experts = getattr(layer.block, "experts", None)
+    recorded: dict[str, torch.Tensor] = {}
+    handle = None
+    if isinstance(experts, nn.Module):
+
+        def keep_output(module: nn.Module, args: tuple, output: Any) -> None:
+            recorded["output"] = output[0] if isinstance(output, tuple) else output
+
+        handle = experts.register_forward_hook(keep_output)
+    try:
+        output = run_block().float()
+    finally:
+        if handle is not None:
+            handle.remove()
+    routed = recorded.get("output", output)
+    return output, torch.linalg.vector_norm(routed.float()).item()
+
+
 def _distances_naive(layer: MoELayer, inputs: torch.Tensor) -> tuple[list[float], float]:
-    """Return ||Y_k - Y_native||_F for k = 1..native, running the block once per k."""
+    """Return ||Y_k - Y_native||_F for k = 1..native, running the block once per k, and the routed output norm."""
     native = layer.native_top_k
     layer.top_k = native
-    base = layer.forward_block(inputs).float()
+    base, base_norm = _routed_output_norm(layer, lambda: layer.forward_block(inputs))
     distances = []
-    for k in range(1, native):
-        layer.top_k = k
-        distances.append(torch.linalg.vector_norm(layer.forward_block(inputs).float() - base).item())
-    layer.top_k = native
-    return [*distances, 0.0], torch.linalg.vector_norm(base).item()
+    try:
+        for k in range(1, native):
+            layer.top_k = k
+            distances.append(torch.linalg.vector_norm(layer.forward_block(inputs).float() - base).item())
+    finally:
+        layer.top_k = native
+    return [*distances, 0.0], base_norm
 
 
 def _distances_fast(layer: MoELayer, inputs: torch.Tensor) -> tuple[list[float], float]:
-    """Return ||Y_k - Y_native||_F for k = 1..native, running each natively selected expert once."""
+    """Return ||Y_k - Y_native||_F for k = 1..native, computing each natively selected expert once.
+
+    The block runs only up to its experts call (router inputs and expert inputs are recorded, then a hook stops
+    it). One experts call on every (token, selected expert) pair with weight 1 gives every expert output that
+    any k <= native combines; each k then needs only a router call and a weighted sum.
+    """
     native = layer.native_top_k
     router_call: dict[str, Any] = {}
     experts_call: dict[str, Any] = {}
@@ -240,29 +278,35 @@ def _distances_fast(layer: MoELayer, inputs: torch.Tensor) -> tuple[list[float],
     def keep_router_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
         router_call.update(args=args, kwargs=kwargs)
 
-    def keep_experts_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def keep_experts_inputs_and_stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
         experts_call.update(args=args, kwargs=kwargs)
+        raise _ExpertsReached
 
     experts: nn.Module = layer.block.experts
     handles = [
         layer.router.register_forward_pre_hook(keep_router_inputs, with_kwargs=True),
-        experts.register_forward_pre_hook(keep_experts_inputs, with_kwargs=True),
+        experts.register_forward_pre_hook(keep_experts_inputs_and_stop, with_kwargs=True),
     ]
+    layer.top_k = native
     try:
-        layer.top_k = native
-        base_norm = torch.linalg.vector_norm(layer.forward_block(inputs).float()).item()
+        layer.forward_block(inputs)
+    except _ExpertsReached:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+    if not experts_call:
+        raise RuntimeError(f"MoE layer {layer.name!r} never called its experts module; profile it with method='naive'")
 
     hidden, native_index, native_weights = _experts_arguments(experts_call)
-    num_tokens = hidden.shape[0]
-    ones = torch.ones(num_tokens, 1, dtype=native_weights.dtype, device=native_weights.device)
-    # expert_outputs[i] is the output of each token's i-th selected expert, with weight 1.
-    expert_outputs = torch.stack(
-        [experts(hidden, native_index[:, slot : slot + 1], ones).float() for slot in range(native)]
-    )
-    base = torch.einsum("ts,std->td", native_weights.float(), expert_outputs)
+    num_tokens, width = hidden.shape
+    pairs = num_tokens * native
+    ones = torch.ones(pairs, 1, dtype=native_weights.dtype, device=native_weights.device)
+    # expert_outputs[t, s] is the output of token t's s-th selected expert, with weight 1.
+    expert_outputs = experts(hidden.repeat_interleave(native, dim=0), native_index.reshape(pairs, 1), ones)
+    expert_outputs = expert_outputs.float().reshape(num_tokens, native, width)
+    base = torch.einsum("ts,tsd->td", native_weights.float(), expert_outputs)
+    base_norm = torch.linalg.vector_norm(base).item()
 
     distances = []
     try:
@@ -277,7 +321,7 @@ def _distances_fast(layer: MoELayer, inputs: torch.Tensor) -> tuple[list[float],
                     "profile it with method='naive'"
                 )
             slot_weights = torch.einsum("tj,tjs->ts", weights.float(), match.float())
-            routed = torch.einsum("ts,std->td", slot_weights, expert_outputs)
+            routed = torch.einsum("ts,tsd->td", slot_weights, expert_outputs)
             distances.append(torch.linalg.vector_norm(routed - base).item())
     finally:
         layer.top_k = native
