@@ -15,7 +15,6 @@ import argparse
 import logging
 import platform
 import statistics
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,15 +24,12 @@ import timm
 import torch
 from lightning.pytorch import Trainer
 
+from lexi_pl.callbacks import LExI, MoEThroughput
+from lexi_pl.data import ImageClassificationData
+from lexi_pl.modules import MoEImageClassifier
+from record import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from record import replace_section  # noqa: E402
-
-from lexi_pl.callbacks import LExI, MoEThroughput  # noqa: E402
-from lexi_pl.data import ImageClassificationData  # noqa: E402
-from lexi_pl.modules import MoEImageClassifier  # noqa: E402
-
 CHECKPOINT = REPO / "checkpoints" / "vmoe_mnist" / "model.safetensors"
 
 

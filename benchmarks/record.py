@@ -6,9 +6,11 @@ from pathlib import Path
 
 HEADER = """# Benchmarks
 
-Each section below is written by one script under `benchmarks/` (its command is in the section) and replaced
-when that script runs again with `--write`. Figures measured on a shared CPU machine are only comparable within
-one section: quote the ratios, not the absolute times.
+Measured figures of lexi-pl. Each section is written by the script it names, between its
+`<!-- NAME:start -->` and `<!-- NAME:end -->` markers, and a later run of that script with `--write`
+replaces only its own section. Every section names the command, the machine and the library versions
+behind its numbers. Absolute times hold for that machine and its load only, so compare the ratios
+measured within one run.
 """
 
 

@@ -5,12 +5,17 @@ They live in an importable module so that LightningCLI configs in the tests can 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+import torchmetrics
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, Dataset
 
 from lexi_models.language.tiny import build_tiny
+from lexi_pl.adapter import MoEAdapter
 
 
 def current_top_k(model: torch.nn.Module) -> list[int]:
@@ -87,3 +92,72 @@ class RandomTokens(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+class RecordTopK(Callback):
+    """Write, per process, the k every MoE layer holds during the first validation batch, and the samples seen."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.samples = 0
+        self.top_k: list[int] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self.top_k = MoEAdapter(pl_module.model).top_k
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.samples += int(batch[0].shape[0]) if isinstance(batch, (tuple, list)) else int(batch["input_ids"].shape[0])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        record = {"rank": trainer.global_rank, "top_k": self.top_k, "samples": self.samples}
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class _Indexed(Dataset):
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(index), "label": torch.tensor(index % 3)}
+
+
+class IndexedSamples(LightningDataModule):
+    """Samples that carry their own index, served by the exact evaluation loader of lexi_pl.data."""
+
+    def __init__(self, count: int = 10, batch_size: int = 2) -> None:
+        super().__init__()
+        self.count, self.batch_size = count, batch_size
+
+    def val_dataloader(self) -> DataLoader:
+        from lexi_pl.data.distributed import evaluation_dataloader
+
+        return evaluation_dataloader(_Indexed(self.count), self.trainer, batch_size=self.batch_size)
+
+
+class FirstTwoCorrect(LightningModule):
+    """Classify samples 0 and 1 correctly and every other sample wrongly, with the image module's metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lexi_pl.modules.image import _make_eval_metrics
+
+        self.metrics = _make_eval_metrics(3)
+        self.index_squared = torchmetrics.MeanMetric()
+        self.constant = torchmetrics.MeanMetric()
+
+    def validation_step(self, batch, batch_idx):
+        index, label = batch["index"], batch["label"]
+        predicted = torch.where(index < 2, label, (label + 1) % 3)
+        logits = F.one_hot(predicted, 3).float() * 5.0
+        self.metrics["top1"].update(logits, label)
+        self.index_squared.update(index.float() ** 2)
+        self.log("val/top1", self.metrics["top1"], on_epoch=True)
+        self.log("val/index_squared_mean", self.index_squared, on_epoch=True)
+        # A plain `self.log(name, 1.0, sync_dist=True)` came out as 1.25 here with Lightning 2.6.6 (3, 3, 2 and 2
+        # samples per process), so epoch means are logged through torchmetrics, which sums values and counts.
+        self.constant.update(torch.ones(len(index)))
+        self.log("val/constant", self.constant, on_epoch=True)

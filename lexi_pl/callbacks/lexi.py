@@ -122,14 +122,15 @@ class LExI(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.adapter = MoEAdapter(self._moe_model(pl_module))
-        self.plan = self._plan_on_every_rank(trainer)
-        self.adapter.check_plan(self.plan)
+        # trainer.log_dir is a collective call with several processes, so every rank asks for it here.
         output_dir = self._output_dir(trainer)
+        self.plan = self._plan_on_every_rank(trainer, output_dir)
+        self.adapter.check_plan(self.plan)
         if trainer.is_global_zero and output_dir is not None:
             self.plan.save(output_dir / PLAN_FILE)
             rank_zero_info(f"LExI plan written to {output_dir / PLAN_FILE}")
 
-    def _plan_on_every_rank(self, trainer: Trainer) -> TopKPlan:
+    def _plan_on_every_rank(self, trainer: Trainer, output_dir: Path | None) -> TopKPlan:
         """Make the plan on rank zero and send it to every other rank, so all ranks apply the same k.
 
         An error on rank zero (a bad plan file, an infeasible budget) is sent along too and raised on every rank,
@@ -141,7 +142,7 @@ class LExI(Callback):
                 if self.plan_path is not None:
                     plan = TopKPlan.load(self.plan_path)
                 else:
-                    plan = self._build_plan(trainer, self._output_dir(trainer))
+                    plan = self._build_plan(trainer, output_dir)
                 self.adapter.check_plan(plan)
                 message = {"plan": plan.to_dict()}
             except ValueError as error:

@@ -26,6 +26,8 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from lexi_pl.data.distributed import evaluation_dataloader
+
 MNIST5K_SOURCE = "mnist5k"
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
@@ -314,14 +316,16 @@ class ImageClassificationData(LightningDataModule):
     def _loader(self, dataset: datasets.Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageClassificationData.setup() must run before the dataloaders are built")
-        return DataLoader(
-            dataset,
+        options = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=collate_image_label,
             persistent_workers=self.num_workers > 0,
         )
+        if shuffle:
+            return DataLoader(dataset, shuffle=True, **options)
+        # Evaluation: with several processes each scores its own samples, none twice (see lexi_pl.data.distributed).
+        return evaluation_dataloader(dataset, self.trainer, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
