@@ -82,3 +82,19 @@ def test_four_processes_score_each_sample_once(tmp_path):
     assert float(row["val/top1"]) == pytest.approx(0.2)
     assert float(row["val/index_squared_mean"]) == pytest.approx(28.5)
     assert float(row["val/constant"]) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_language_two_processes_match_one(tmp_path):
+    overrides = ("--data.init_args.val_subset", "11", "--data.init_args.batch_size", "4")
+    single, (single_rank,) = run_validate("configs/language/moe_lm_pydoc_lexi.yaml", tmp_path, 1, *overrides)
+    double, ranks = run_validate("configs/language/moe_lm_pydoc_lexi.yaml", tmp_path, 2, *overrides)
+
+    assert single["val/samples"] == double["val/samples"] == 11
+    assert sorted(rank["samples"] for rank in ranks) == [5, 6]
+    assert double["val/scored_tokens"] == single["val/scored_tokens"]
+    assert double["val/tokens"] == single["val/tokens"]
+    for key in ("val/ppl", "val/nll", "val/acc"):
+        assert double[key] == pytest.approx(single[key], rel=1e-5), key
+    assert ranks[0]["top_k"] == ranks[1]["top_k"] == single_rank["top_k"]
+    assert sum(ranks[0]["top_k"]) == 18
