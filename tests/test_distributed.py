@@ -98,3 +98,40 @@ def test_language_two_processes_match_one(tmp_path):
         assert double[key] == pytest.approx(single[key], rel=1e-5), key
     assert ranks[0]["top_k"] == ranks[1]["top_k"] == single_rank["top_k"]
     assert sum(ranks[0]["top_k"]) == 18
+
+
+class _Processes:
+    """The trainer attributes that the evaluation loader reads: process count, rank and strategy."""
+
+    def __init__(self, world_size: int, global_rank: int, strategy) -> None:
+        self.world_size, self.global_rank, self.strategy = world_size, global_rank, strategy
+
+
+def test_evaluation_loader_splits_without_repeats():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lexi_pl.data.distributed import evaluation_dataloader
+
+    seen = []
+    for rank in range(4):
+        loader = evaluation_dataloader(list(range(10)), _Processes(4, rank, DDPStrategy()), batch_size=2)
+        seen.append([int(value) for batch in loader for value in batch])
+    assert seen == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+
+
+def test_evaluation_loader_rejects_fsdp():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lexi_pl.data.distributed import evaluation_dataloader
+
+    with pytest.raises(ValueError, match="does not support FSDPStrategy.*--trainer.strategy=ddp"):
+        evaluation_dataloader(list(range(10)), _Processes(2, 0, FSDPStrategy()), batch_size=2)
+
+
+def test_evaluation_loader_rejects_more_processes_than_samples():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lexi_pl.data.distributed import evaluation_dataloader
+
+    with pytest.raises(ValueError, match="has 3 samples for 4 processes.*at most 3 devices"):
+        evaluation_dataloader(list(range(3)), _Processes(4, 0, DDPStrategy()), batch_size=2)
