@@ -110,6 +110,13 @@ def allocate(
     The plan's ``routing_weights`` comes from ``profile.settings["routing_weights"]`` ("native"
     when absent) because the deviations were measured under that setting.
     """
+    if not isinstance(profile, SensitivityProfile):
+        raise TypeError(
+            f"allocate takes a SensitivityProfile, got {type(profile).__name__}; make one with "
+            "lexi_pl.profiling.profile_sensitivity(adapter) or SensitivityProfile.load(path)"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if method not in METHODS:
         raise ValueError(f"unknown allocation method {method!r}; expected one of {', '.join(METHODS)}")
     if normalize not in NORMALIZATIONS:
@@ -417,6 +424,30 @@ def _validate_raw_budget(budget: int, lower: np.ndarray, upper: np.ndarray) -> N
             f"budget {budget} is outside the feasible range [{int(lower.sum())}, {int(upper.sum())}] "
             "given by the per-layer bounds"
         )
+
+
+def check_budget(
+    native_top_k: Sequence[int],
+    budget: int | None = None,
+    *,
+    average_k: float | None = None,
+    fraction: float | None = None,
+    k_min: int = 1,
+) -> int:
+    """Return the total budget that `allocate` would use for layers of `native_top_k`, or raise its ValueError.
+
+    It needs no profile, so callers can reject an infeasible budget before spending time on profiling.
+    """
+    num_layers = len(native_top_k)
+    return _resolve_budget(
+        budget,
+        average_k,
+        fraction,
+        num_layers=num_layers,
+        native_total=int(sum(native_top_k)),
+        lower_total=int(sum(min(k_min, k) for k in native_top_k)),
+        upper_total=int(sum(native_top_k)),
+    )
 
 
 def _resolve_budget(

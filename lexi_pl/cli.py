@@ -8,6 +8,7 @@ the model and data classes with ``class_path`` / ``init_args`` (subclass mode), 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,7 +52,25 @@ def main(args: Sequence[str] | None = None) -> None:
         )
         raise SystemExit(2)
     # LightningCLI reads sys.argv itself when args is None; passing both makes it warn.
-    LExICLI(args=None if args is None else given)
+    try:
+        LExICLI(args=None if args is None else given)
+    except ValueError as error:
+        if os.environ.get("LEXI_PL_TRACEBACK"):
+            raise
+        # jsonargparse wraps errors raised while it builds the callbacks in long messages; show the original one.
+        sys.stderr.write(f"error: {_root_message(error)}\n(set LEXI_PL_TRACEBACK=1 to see the traceback)\n")
+        raise SystemExit(2) from None
+
+
+def _root_message(error: BaseException) -> str:
+    """Return the message of the innermost ValueError that `error` was raised from."""
+    innermost = error
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, ValueError):
+            innermost = current
+        current = current.__cause__ or current.__context__
+    return str(innermost)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Pat
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only; give it the permissions of an ordinary file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary_name, 0o666 & ~umask)
         os.replace(temporary_name, path)
     except BaseException:
         Path(temporary_name).unlink(missing_ok=True)

@@ -82,7 +82,14 @@ def profile_sensitivity(
     Raises:
         ValueError: a setting is out of range, or ``input_mode="norm_scaled"`` finds no normalisation layer.
     """
+    if not isinstance(adapter, MoEAdapter):
+        raise TypeError(
+            f"profile_sensitivity takes an MoEAdapter, got {type(adapter).__name__}; wrap the model first: "
+            "profile_sensitivity(MoEAdapter(model), ...)"
+        )
     _check_positive(batch_size=batch_size, seq_len=seq_len, iterations=iterations)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if input_mode not in INPUT_MODES:
         raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
     if method not in ("auto", "fast", "naive"):

@@ -1,4 +1,6 @@
 import functools
+import sys
+import tempfile
 import logging
 import os
 
@@ -6,6 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Cached profiles and corpora go to a folder of this test session, not the user's cache.
+os.environ["LEXI_PL_CACHE"] = tempfile.mkdtemp(prefix="lexi-pl-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -27,3 +31,9 @@ def tiny_model():
         return copy.deepcopy(_tiny_state(model_type))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def command_line_without_pytest_options(monkeypatch):
+    """Hide pytest's own options from in-process LightningCLI runs, which otherwise warn about them."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])

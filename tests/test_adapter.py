@@ -360,3 +360,20 @@ def test_input_norm_found(tiny_model):
     adapter = MoEAdapter(tiny_model("olmoe"))
     norm = adapter.input_norm(adapter.layers[0])
     assert norm is adapter.model.model.layers[0].post_attention_layernorm
+
+
+def test_wrong_argument_types_named(tiny_model):
+    from lexi_pl.allocation import allocate
+    from lexi_pl.profiling import profile_sensitivity
+
+    model = tiny_model("mixtral")
+    adapter = MoEAdapter(model)
+    with pytest.raises(TypeError, match="takes a torch.nn.Module, got NoneType"):
+        MoEAdapter(None)
+    with pytest.raises(TypeError, match="expected a TopKPlan, got dict"):
+        adapter.apply({"model.layers.0.mlp": 1})
+    with pytest.raises(TypeError, match=r"takes an MoEAdapter, got MixtralForCausalLM.*MoEAdapter\(model\)"):
+        profile_sensitivity(model)
+    with pytest.raises(TypeError, match="takes a SensitivityProfile, got MoEAdapter"):
+        allocate(adapter, fraction=0.5)
+    assert adapter.top_k == [2, 2]

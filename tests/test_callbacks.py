@@ -188,3 +188,24 @@ def test_profile_cache_reused_between_runs(tmp_path, caplog):
     plan = json.loads((tmp_path / "lexi_plan.json").read_text())
     assert plan["budget"] == 9
     assert torch.equal(torch.tensor(MoEAdapter(module.model).top_k), torch.tensor(NATIVE))
+
+
+def test_missing_plan_file_rejected_when_built(tmp_path):
+    with pytest.raises(ValueError, match=r"plan_path '.*missing\.json' is not a file.*or a budget"):
+        LExI(plan_path=str(tmp_path / "missing.json"))
+
+
+def test_infeasible_budget_rejected_before_profiling(tmp_path):
+    module = TinyMoELM()
+    lexi = LExI(fraction=0.1, output_dir=str(tmp_path), **PROFILE)
+    with pytest.raises(ValueError, match=r"fraction in \[0\.25, 1\]"):
+        make_trainer(tmp_path, [lexi]).validate(module, datamodule=RandomTokens())
+    assert not (tmp_path / "lexi_profile.json").exists()
+
+
+def test_plan_file_readable_by_others(tmp_path):
+    module = TinyMoELM()
+    make_trainer(tmp_path, [LExI(average_k=2, output_dir=str(tmp_path), **PROFILE)]).validate(
+        module, datamodule=RandomTokens()
+    )
+    assert (tmp_path / "lexi_plan.json").stat().st_mode & 0o044 == 0o044

@@ -21,11 +21,11 @@ def write_config(tmp_path, **lexi_arguments):
                 "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run", "version": 0},
             },
             "callbacks": [
+                {"class_path": "lexi_pl.callbacks.MoEThroughput", "init_args": {"warmup_batches": 0}},
                 {
                     "class_path": "lexi_pl.callbacks.LExI",
                     "init_args": {"profile_batch_size": 2, "profile_seq_len": 8, **lexi_arguments},
                 },
-                {"class_path": "lexi_pl.callbacks.MoEThroughput", "init_args": {"warmup_batches": 0}},
             ],
         },
     }
@@ -52,7 +52,7 @@ def test_print_config_shows_callback(tmp_path, capsys):
         main(["validate", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    lexi = printed["trainer"]["callbacks"][0]
+    lexi = printed["trainer"]["callbacks"][1]
     assert lexi["class_path"] == "lexi_pl.callbacks.LExI"
     assert lexi["init_args"]["average_k"] == 2
     assert lexi["init_args"]["method"] == "dp"
@@ -72,3 +72,21 @@ def test_module_entry_point_help():
     )
     assert result.returncode == 0
     assert "--trainer.callbacks" in result.stdout
+
+
+def test_callback_error_printed_without_traceback(tmp_path, capsys):
+    config = write_config(tmp_path, fraction=0.75)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config), "--trainer.callbacks.init_args.budget", "5"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "error: LExI needs a plan_path or exactly one of budget, average_k, fraction" in error
+    assert "Traceback" not in error
+
+
+def test_infeasible_budget_printed(tmp_path, capsys):
+    config = write_config(tmp_path, fraction=1.5)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "feasible range [3, 12]" in capsys.readouterr().err

@@ -185,3 +185,9 @@ def test_imagefolder_rgb_images_become_grayscale(tmp_path):
     assert sorted(batch_labels.tolist()) == [0, 0, 1, 1]
     cat_pixels = batch_images[batch_labels == 0]
     torch.testing.assert_close(cat_pixels, torch.full_like(cat_pixels, (40 / 255 - 0.1307) / 0.3081))
+
+
+def test_missing_image_folder_named():
+    data = ImageClassificationData(source="imagefolder:/nonexistent/images")
+    with pytest.raises(FileNotFoundError, match="image folder '/nonexistent/images'.*does not exist"):
+        data.setup("validate")

@@ -3,7 +3,6 @@ import math
 import lightning
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 

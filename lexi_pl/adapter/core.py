@@ -283,6 +283,8 @@ class MoEAdapter:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MoEAdapter takes a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.layers: list[MoELayer] = self._find_layers(model)
         if not self.layers:
@@ -466,12 +468,16 @@ class MoEAdapter:
             ValueError: the plan's fingerprint or layer names do not match this model, a k is out of range, or
                 its routing-weight policy is not supported by a layer.
         """
+        if not all(hasattr(plan, name) for name in ("top_k", "fingerprint", "routing_weights")):
+            raise TypeError(
+                f"expected a TopKPlan, got {type(plan).__name__}; load one with lexi_pl.plan.TopKPlan.load(path)"
+            )
         expected = self.fingerprint() if check_fingerprint else None
         if check_fingerprint and plan.fingerprint is not None and plan.fingerprint != expected:
             raise ValueError(
                 f"this plan was made for another model (plan fingerprint {plan.fingerprint[:23]}..., this model "
-                f"{str(expected)[:23]}...): its MoE structure or router weights differ. Create a plan for this model "
-                "(profile it again, or remove the plan file so that it is rebuilt)"
+                f"{str(expected)[:23]}...): its MoE structure or router weights differ. Make a new plan for this model "
+                "by profiling it (with the LExI callback: give a budget instead of plan_path)"
             )
         if list(plan.top_k) != self.names:
             missing = [name for name in self.names if name not in plan.top_k]

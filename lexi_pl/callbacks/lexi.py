@@ -11,11 +11,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lexi_pl.adapter import MoEAdapter
-from lexi_pl.allocation import allocate
+from lexi_pl.allocation import allocate, check_budget
+from lexi_pl.paths import default_cache_dir
 from lexi_pl.plan import TopKPlan
 from lexi_pl.profiling import profile_sensitivity
 
 log = logging.getLogger(__name__)
+
+
+def default_profile_cache() -> Path:
+    """Return the folder of cached sensitivity profiles, ``profiles`` inside lexi-pl's cache folder."""
+    return default_cache_dir() / "profiles"
 
 Stage = Literal["validate", "test", "predict"]
 PLAN_FILE = "lexi_plan.json"
@@ -53,13 +59,15 @@ class LExI(Callback):
         profile_iterations: random batches averaged per layer.
         seed: seed of the profiling inputs and of the evolutionary search.
         output_dir: folder for the plan and profile files; default the trainer's log folder.
-        cache_dir: folder of cached profiles; default ``output_dir``.
+        cache_dir: folder of cached profiles, reused across runs for the same model fingerprint and profiling
+            settings; default ``$LEXI_PL_CACHE/profiles`` or ``~/.cache/lexi-pl/profiles``.
         stages: stages the plan is applied in.
         model_attribute: attribute of the LightningModule that holds the MoE model.
 
     Raises:
-        ValueError: at setup, before the first batch: none or several budgets given with no plan file, an
-            infeasible budget, a plan made for another model, or a model with no MoE layer.
+        ValueError: when built: none or several budgets with no plan file, or a plan_path that is not a file.
+            At setup, before the first batch (and before profiling): an infeasible budget, a plan made for
+            another model, or a model with no MoE layer.
     """
 
     def __init__(
@@ -90,6 +98,11 @@ class LExI(Callback):
             )
         if plan_path is not None and given:
             raise ValueError(f"LExI takes either plan_path or a budget, not both (got plan_path and {given})")
+        if plan_path is not None and not Path(plan_path).is_file():
+            raise ValueError(
+                f"LExI plan_path {plan_path!r} is not a file; give the path of a plan JSON written by an earlier run "
+                "(lexi_plan.json in its log folder), or a budget to make a new plan"
+            )
         stages = ["validate", "test", "predict"] if stages is None else list(stages)
         unknown = [stage for stage in stages if stage not in ("validate", "test", "predict")]
         if unknown:
@@ -145,10 +158,10 @@ class LExI(Callback):
                     plan = self._build_plan(trainer, output_dir)
                 self.adapter.check_plan(plan)
                 message = {"plan": plan.to_dict()}
-            except ValueError as error:
+            except Exception as error:
                 if trainer.world_size == 1:
                     raise
-                message = {"error": str(error)}
+                message = {"error": f"{type(error).__name__} on rank 0: {error}"}
         if trainer.world_size > 1:
             message = trainer.strategy.broadcast(message, src=0)
         assert message is not None
@@ -172,7 +185,9 @@ class LExI(Callback):
 
     def _build_plan(self, trainer: Trainer, output_dir: Path | None) -> TopKPlan:
         assert self.adapter is not None
-        cache_dir = self.cache_dir or output_dir
+        # Reject an infeasible budget before profiling, which can take minutes on a large model.
+        check_budget(self.adapter.native_top_k, k_min=self.k_min, **self.budgets)
+        cache_dir = self.cache_dir or default_profile_cache()
         profile = profile_sensitivity(
             self.adapter,
             cache_dir=cache_dir,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -238,6 +239,11 @@ class ImageClassificationData(LightningDataModule):
             return load_mnist5k()
         if self.source.startswith(IMAGEFOLDER_PREFIX):
             folder = self.source[len(IMAGEFOLDER_PREFIX):]
+            if not Path(folder).expanduser().is_dir():
+                raise FileNotFoundError(
+                    f"image folder {folder!r} (from source={self.source!r}) does not exist; relative paths start "
+                    "from the current directory"
+                )
             return datasets.load_dataset("imagefolder", data_dir=folder, **self.dataset_kwargs)
         # NOTE: no test covers Hub ids, because the tests run offline.
         return datasets.load_dataset(self.source, **self.dataset_kwargs)

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lexi_pl.data.distributed import evaluation_dataloader
+from lexi_pl.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +141,6 @@ def build_pydoc_corpus() -> list[dict[str, str]]:
             documents.append({"source": f"module:{module_name}", "text": text})
     documents.sort(key=lambda document: document["source"])
     return documents
-
-
-def default_cache_dir() -> Path:
-    """Return ``$LEXI_PL_CACHE`` or ``~/.cache/lexi-pl``."""
-    return Path(os.environ.get("LEXI_PL_CACHE", Path.home() / ".cache" / "lexi-pl"))
 
 
 def load_pydoc_corpus(cache_dir: str | Path | None = None) -> datasets.DatasetDict:
