@@ -90,8 +90,10 @@ def test_masked_routing_hand_worked():
     assert index.tolist() == [[1, 2], [2, 3]]
     assert logits[0, 0].item() == -math.inf
     # V-MoE weights are the softmax probabilities over the experts that remain, not renormalised over the k.
-    token0 = [math.exp(2) / (math.exp(2) + math.exp(1) + 1), math.exp(1) / (math.exp(2) + math.exp(1) + 1)]
-    token1 = [math.exp(3) / (math.exp(3) + math.exp(2) + math.exp(1)), math.exp(2) / (math.exp(3) + math.exp(2) + math.exp(1))]
+    token0_total = math.exp(2) + math.exp(1) + math.exp(0)
+    token1_total = math.exp(3) + math.exp(2) + math.exp(1)
+    token0 = [math.exp(2) / token0_total, math.exp(1) / token0_total]
+    token1 = [math.exp(3) / token1_total, math.exp(2) / token1_total]
     assert weights[0].tolist() == pytest.approx(token0, rel=1e-6)
     assert weights[1].tolist() == pytest.approx(token1, rel=1e-6)
 

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/compare.py: the --quick run on both shipped models writes its tables and plots."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -25,9 +26,14 @@ def table_rows(report: str, first_cell: str) -> list[list[str]]:
 def test_compare_quick_run(tmp_path):
     report_path = tmp_path / "report.md"
     plots = tmp_path / "plots"
+    # The plots need the `bench` extra (matplotlib). Without it the tables are still checked.
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    command = [sys.executable, "benchmarks/compare.py", "--quick", "--report", str(report_path)]
+    if has_matplotlib:
+        command += ["--plots-dir", str(plots)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(
-        [sys.executable, "benchmarks/compare.py", "--quick", "--report", str(report_path), "--plots-dir", str(plots)],
+        command,
         cwd=REPO,
         env=environment,
         capture_output=True,
@@ -54,11 +60,18 @@ def test_compare_quick_run(tmp_path):
     assert [row[2] for row in pruning_rows] == ["6 6 6 6"] * 2 + ["12 12 12 12 12 12"] * 2
 
     # The bare loop and the toolkit score the same batches, so their quality agrees.
-    for bare, toolkit in zip(table_rows(report, "bare torch loop"), table_rows(report, "toolkit (`Trainer.validate` + `MoEThroughput`)")):
+    bare_rows = table_rows(report, "bare torch loop")
+    toolkit_rows = table_rows(report, "toolkit (`Trainer.validate` + `MoEThroughput`)")
+    assert len(bare_rows) == len(toolkit_rows) == 2
+    for bare, toolkit in zip(bare_rows, toolkit_rows):
         assert bare[3] == toolkit[3]
     assert len(re.findall(r"Evolutionary search within 1 % of the DP objective", report)) == 2
+    # LExI-DP and its evolutionary variant choose the same k at 75 %, so the run reports its timing noise.
+    assert len(re.findall(r"Rows with the same per-layer k and routing weights differ by up to \d+ %", report)) == 2
     assert "Measured speed-up at least 0.9x the expert-FLOP prediction at 75 %" in report
 
+    if not has_matplotlib:
+        pytest.skip("matplotlib is not installed (pip install -e .[bench]), so the plots were not checked")
     for model in ("vision", "language"):
         for kind in ("quality_speed", "top_k", "sensitivity"):
             image = plots / f"compare_{model}_{kind}.png"
