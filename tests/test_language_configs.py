@@ -78,7 +78,7 @@ def test_real_checkpoint_config_parses(name, capsys):
     assert printed["data"]["init_args"]["source"] == "wikitext"
     assert printed["data"]["init_args"]["config_name"] == "wikitext-2-raw-v1"
     assert printed["data"]["init_args"]["val_split"] == "test"
-    lexi = printed["trainer"]["callbacks"][0]
+    (lexi,) = [callback for callback in printed["trainer"]["callbacks"] if callback["class_path"].endswith(".LExI")]
     assert lexi["class_path"] == "lexi_pl.callbacks.LExI"
     for key, value in budget.items():
         assert lexi["init_args"][key] == value
