@@ -1,4 +1,4 @@
-"""Where lexi-pl keeps files that outlive a run: built corpora and cached sensitivity profiles."""
+"""Cache locations of lexi-pl for files that outlive a run: built corpora and cached sensitivity profiles."""
 
 from __future__ import annotations
 

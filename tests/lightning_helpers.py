@@ -19,7 +19,7 @@ from lexi_pl.adapter import MoEAdapter
 
 
 def current_top_k(model: torch.nn.Module) -> list[int]:
-    """Read the k that each router of a tiny model holds right now."""
+    """Return the current k of each router of a tiny model."""
     return [int(module.top_k) for name, module in model.named_modules() if name.endswith("mlp.gate")]
 
 
@@ -95,7 +95,7 @@ class RandomTokens(LightningDataModule):
 
 
 class RecordTopK(Callback):
-    """Write, per process, the k every MoE layer holds during the first validation batch, and the samples seen."""
+    """Write, per process, the k of every MoE layer during the first validation batch, and the samples seen."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder

@@ -1,4 +1,4 @@
-"""What lexi-pl knows about each MoE router family: where k lives and how routing weights are formed.
+"""Family table of MoE routers: where k lives and how routing weights are formed.
 
 The adapter reads this table instead of branching on model types. Routers are matched by class name, so nothing
 here imports transformers or the V-MoE code. Facts below were read from the transformers 5.25 modeling files

@@ -1,4 +1,4 @@
-"""Random per-layer top-k under a fixed budget: the baseline that tells how much LExI's allocation adds.
+"""Random per-layer top-k under a fixed budget: the baseline that measures how much LExI's allocation adds.
 
 `random_top_k` draws uniformly from every integer vector k with ``lower_j <= k_j <= upper_j`` and
 ``sum_j k_j = budget``. It counts the completions of each partial vector exactly (Python integers, no overflow)

@@ -135,7 +135,7 @@ class LExI(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.adapter = MoEAdapter(self._moe_model(pl_module))
-        # trainer.log_dir is a collective call with several processes, so every rank asks for it here.
+        # trainer.log_dir is a collective call with several processes, so every rank must call it here.
         output_dir = self._output_dir(trainer)
         self.plan = self._plan_on_every_rank(trainer, output_dir)
         self.adapter.check_plan(self.plan)
